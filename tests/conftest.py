@@ -1,0 +1,30 @@
+"""Test-wide setup: Triton runs in its interpreter without CUDA, and GPU-only tests are skipped."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Must happen before anything imports triton: the interpreter is chosen at import time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Two cores, several processes per test in the distributed tests: keep torch from oversubscribing.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped on CPU-only machines")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (GPU-only check)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
