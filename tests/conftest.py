@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The example task (examples/arithmetic) is part of the checkout, not of the installed package.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 # Must happen before anything imports triton: the interpreter is chosen at import time.
 if not torch.cuda.is_available():

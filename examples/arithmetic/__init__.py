@@ -1,0 +1,28 @@
+"""The synthetic arithmetic task of the embedded CPU example (tokenizer, problems, tiny models)."""
+
+from .task import (
+    Problem,
+    corrupt_answers,
+    encode_problem,
+    first_operand_ends_in_7,
+    make_problems,
+    read_jsonl,
+    tiny_qwen3_config,
+    write_jsonl,
+)
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "Problem",
+    "build_tokenizer",
+    "corrupt_answers",
+    "encode_problem",
+    "first_operand_ends_in_7",
+    "make_problems",
+    "read_jsonl",
+    "tiny_qwen3_config",
+    "write_jsonl",
+]
