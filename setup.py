@@ -11,6 +11,9 @@ CORE = [
     # the range here is what the code is tested with.
     "torch>=2.6",
     "megatron-core>=0.16.1",
+    # HF <-> Megatron weight mapping (learner/hf_weights.py); its own extra pulls nothing we lack.
+    "mbridge>=0.15.1",
+    "einops>=0.8",
     "triton>=3.3",
     "transformers>=4.56",
     "tokenizers>=0.21",

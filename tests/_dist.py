@@ -7,8 +7,9 @@ Each process gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free
 its environment (so `init_distributed()` / `dist.init_process_group("gloo")` just work), runs
 `fn`, and sends back its (picklable) return value. If any rank raises, the others are stopped
 and a RuntimeError with every failing rank's traceback is raised in the caller. `fn` must be a
-module-level function (it is pickled with "spawn"; "fork" is the default on Linux and is faster
-because the children do not re-import torch/Megatron).
+module-level function (it is pickled with "spawn"). "fork" is the default on Linux and is faster
+because the children do not re-import torch/Megatron; "spawn" is used instead when the parent
+has already initialised torch.distributed or CUDA, which a forked child cannot reuse.
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, args: Sequence, 
             pass
 
 
+def _fork_is_safe() -> bool:
+    """A forked child inherits the parent's process group and CUDA context, and can use
+    neither: then fall back to "spawn" (slower: the children re-import torch)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import torch
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) and not torch.cuda.is_initialized()
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -66,7 +78,7 @@ def run_distributed(
     env: dict[str, str] | None = None,
 ) -> list[Any]:
     """Run fn(rank, world_size, *args) on `world_size` processes; return results ordered by rank."""
-    method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
+    method = start_method or ("fork" if _fork_is_safe() else "spawn")
     ctx = mp.get_context(method)
     out = ctx.Queue()
     port = free_port()
