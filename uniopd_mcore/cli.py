@@ -131,9 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from uniopd_mcore.config import ConfigError
+    from uniopd_mcore.data.prompts import DataError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except (ConfigError, DataError) as exc:
+        # bad configuration or data: the message names the key / file, row and field
+        print(f"uniopd-mcore {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -122,15 +122,48 @@ def save_learner_as_hf(learner, template_dir: str, out_dir: str) -> Path:
 
 
 def run_export(checkpoint: str, hf_template: str, out_dir: str, *, tp: int = 1, pp: int = 1) -> Path:
-    """Learner checkpoint (saved at this TP/PP layout) -> HF safetensors in ``out_dir``."""
-    from uniopd_mcore.config import JobConfig
+    """Learner checkpoint -> HF safetensors in ``out_dir``.
 
-    cfg = JobConfig()
-    cfg.model.student = hf_template
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
-    learner = build_learner(cfg)
-    learner.load_checkpoint(checkpoint)
+    ``checkpoint`` is a finished learner checkpoint (any TP/PP/DP layout: distributed checkpoints
+    reshard on load) or a directory of them (the newest finished one is used). The model is
+    rebuilt at ``tp``/``pp``; with tp*pp > 1 outside an existing torch.distributed world (e.g. not
+    under torchrun), tp*pp local processes are started for it. Only the weights are loaded.
+    """
+    import torch.distributed as dist
+
+    from uniopd_mcore.learner.checkpoint import is_finished, latest_checkpoint
+
+    ckpt = Path(checkpoint)
+    if not is_finished(ckpt):
+        latest = latest_checkpoint(ckpt)
+        if latest is None:
+            raise FileNotFoundError(f"{ckpt}: not a finished learner checkpoint, and none inside it")
+        ckpt = latest
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp * pp > 1 and not dist.is_initialized() and world == 1:
+        from uniopd_mcore.learner.verify import run_local_processes
+
+        paths = run_local_processes(_export_worker, tp * pp, (str(ckpt), hf_template, out_dir, tp, pp))
+        return Path(paths[0])
+    return _export_here(str(ckpt), hf_template, out_dir, tp, pp)
+
+
+def _export_here(checkpoint: str, hf_template: str, out_dir: str, tp: int, pp: int) -> Path:
+    from uniopd_mcore.learner import Learner, init_distributed
+    from uniopd_mcore.learner.checkpoint import read_info
+
+    init_distributed(tp, pp)
+    # the parameters in the dtype they were trained in; the weights come from the checkpoint,
+    # so the template needs only config.json (and tokenizer files to copy)
+    dtype = getattr(torch, read_info(checkpoint).get("params_dtype", "float32"))
+    learner = Learner(hf_template, params_dtype=dtype, load_weights=False)
+    # the optimizer settings of this throw-away learner need not match the training run's
+    learner.load_checkpoint(checkpoint, load_optimizer=False, load_rng=False)
     return save_learner_as_hf(learner, hf_template, out_dir)
+
+
+def _export_worker(rank: int, world: int, checkpoint: str, hf_template: str, out_dir: str, tp: int, pp: int) -> str:
+    return str(_export_here(checkpoint, hf_template, out_dir, tp, pp))
 
 
 # ------------------------------------------------------------------------------------------------

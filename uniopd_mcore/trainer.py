@@ -379,10 +379,10 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _checkpoints(self) -> list[Path]:
-        """Finished checkpoints, oldest first (a `.tmp` one is a save that was interrupted)."""
-        if not self.ckpt_dir.exists():
-            return []
-        return sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
+        """Finished checkpoints, oldest first (an interrupted save has no completion marker)."""
+        from uniopd_mcore.learner.checkpoint import list_checkpoints
+
+        return list_checkpoints(self.ckpt_dir, "step_*")
 
     def load_last_checkpoint(self) -> bool:
         steps = self._checkpoints()

@@ -20,8 +20,6 @@ micro-batches and DDP averages gradients over DP; `_loss_func` multiplies both b
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
@@ -346,34 +344,20 @@ class Learner:
         self.num_steps = state["step"]
 
     def save_checkpoint(self, path: str, user_state: dict[str, Any] | None = None) -> None:
-        """Model, optimizer, scheduler, RNG and `user_state`: one torch.save file per rank,
-        written into `<path>.tmp` and renamed to `path` once every rank has finished."""
-        rank = dist.get_rank()
-        tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
-        state = self.state_dict()
-        state["user"] = user_state or {}
-        state["layout"] = {"tp": self.tp_size, "pp": self.pp_size, "dp": self.dp_size, "world": dist.get_world_size()}
-        torch.save(state, os.path.join(tmp, f"rank_{rank:05d}.pt"))
-        dist.barrier()
-        if rank == 0:
-            if os.path.exists(path):
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        """Model, optimizer, scheduler, RNG and `user_state` in Megatron's distributed checkpoint
+        format (learner.checkpoint): written into `<path>.tmp`, renamed to `path` once every rank
+        has finished. Collective over all ranks; `user_state` is taken from global rank 0."""
+        from uniopd_mcore.learner import checkpoint
 
-    def load_checkpoint(self, path: str) -> dict[str, Any]:
-        """Restore what save_checkpoint wrote (same parallel layout); returns the user state."""
-        state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
-        layout = {"tp": self.tp_size, "pp": self.pp_size, "dp": self.dp_size, "world": dist.get_world_size()}
-        if state["layout"] != layout:
-            raise ValueError(f"checkpoint layout {state['layout']} != current {layout}")
-        self.load_state_dict(state)
-        return state["user"]
+        checkpoint.save_checkpoint(self, path, user_state)
+
+    def load_checkpoint(self, path: str, *, load_optimizer: bool = True, load_rng: bool = True) -> dict[str, Any]:
+        """Restore what save_checkpoint wrote, at this or any other TP/PP/DP layout (RNG states
+        only at the same layout; otherwise a deterministic reseed); returns the user state.
+        `load_optimizer=False` restores the model alone (export)."""
+        from uniopd_mcore.learner import checkpoint
+
+        return checkpoint.load_checkpoint(self, path, load_optimizer=load_optimizer, load_rng=load_rng)
 
 
 def sft_loss(logprobs: torch.Tensor, batch: PackedBatch, *, num_sequences: float) -> tuple[torch.Tensor, dict]:
