@@ -53,9 +53,10 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/ablation")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recipe_ablation"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--teacher-steps", type=int, default=2000)
-    ap.add_argument("--student-steps", type=int, default=500)
-    ap.add_argument("--opd-steps", type=int, default=60)
+    ap.add_argument("--teacher-steps", type=int, default=2500)
+    ap.add_argument("--student-steps", type=int, default=900)
+    ap.add_argument("--opd-steps", type=int, default=40)
+    ap.add_argument("--opd-lr", type=float, default=1e-5)
     ap.add_argument("--train-problems", type=int, default=4000)
     ap.add_argument("--eval-problems", type=int, default=400)
     args = ap.parse_args()
@@ -99,10 +100,10 @@ def main() -> None:
         print(f"[ablation] SFT {name}: {steps} steps", flush=True)
         return run_sft(cfg, str(run / name))
 
-    teacher = sft("teacher", dict(hidden=128, layers=2, heads=4, kv_heads=2), args.teacher_steps,
-                  data / "teacher_train.jsonl", 10)
-    student = sft("student", dict(hidden=64, layers=2, heads=4, kv_heads=2), args.student_steps,
-                  data / "train.jsonl", 20)
+    # As in the demo: same architecture and initial weights, the student trained for fewer steps.
+    arch = dict(hidden=128, layers=2, heads=4, kv_heads=2)
+    teacher = sft("teacher", arch, args.teacher_steps, data / "teacher_train.jsonl", 10)
+    student = sft("student", arch, args.student_steps, data / "train.jsonl", 10)
 
     def accuracies(engine, tokenizer) -> dict:
         return {k: evaluate_accuracy(engine, tokenizer, recs, verifiers, base.rollout.max_response_len,
@@ -133,7 +134,8 @@ def main() -> None:
                          f"data.train_files=[{train_file}]", f"logging.run_dir={out}",
                          f"checkpoint.dir={out / 'checkpoints'}", "checkpoint.save_every=0",
                          f"trainer.steps={args.opd_steps}", "trainer.prompts_per_step=16",
-                         "rollout.n_samples_per_prompt=8", "optimizer.lr=1e-3", "trainer.eval_every=0",
+                         "rollout.n_samples_per_prompt=8", f"optimizer.lr={args.opd_lr}",
+                         "optimizer.warmup_steps=5", "trainer.eval_every=0",
                          f"trainer.seed={seed}", f"data.seed={seed}", *extra)
             t = time.perf_counter()
             trainer = Trainer(cfg, build_learner(cfg))

@@ -245,8 +245,11 @@ class RecipeConfig:
 
 @dataclass
 class OptimizerConfig:
+    name: str = _choice("adam", "adam", "sgd")
+    """Megatron optimizer: "adam" (decoupled weight decay, the recipe's) or "sgd" (momentum 0.9)."""
+
     lr: float = 1e-6
-    """Peak learning rate of Adam."""
+    """Peak learning rate."""
 
     min_lr: float = 0.0
     """Final learning rate of the cosine schedule."""

@@ -31,7 +31,7 @@ def build_learner(cfg: JobConfig, hf_dir: str | None = None, *, total_steps: int
     init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                      seed=cfg.model.seed)
     o = cfg.optimizer
-    optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, decay_style=o.lr_schedule,
+    optim = OptimConfig(name=o.name, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, decay_style=o.lr_schedule,
                         total_steps=total_steps or cfg.trainer.steps, weight_decay=o.weight_decay,
                         betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, clip_grad=o.clip_grad)
     # bf16 compute has no fast path on CPU; the CPU learner trains in float32.

@@ -49,6 +49,7 @@ LossFn = Callable[[torch.Tensor, PackedBatch], "tuple[torch.Tensor, dict[str, An
 
 @dataclass
 class OptimConfig:
+    name: str = "adam"  # adam | sgd (Megatron's optimizers)
     lr: float = 1e-6
     min_lr: float = 0.0
     warmup_steps: int = 0
@@ -114,7 +115,7 @@ class Learner:
         oc = self.optim_config
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam",
+                optimizer=oc.name,
                 lr=oc.lr,
                 min_lr=oc.min_lr,
                 weight_decay=oc.weight_decay,
