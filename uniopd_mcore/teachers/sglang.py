@@ -11,25 +11,18 @@ Only the standard library is used (urllib + threads): no client dependency on th
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from uniopd_mcore.teachers.base import TEACHER_FAILED
+from uniopd_mcore.utils.http import HTTPRequestError, excerpt, request
 
 logger = logging.getLogger(__name__)
-
-# 4xx answers other than these mean the request itself is wrong (e.g. longer than the server's
-# context): retrying cannot help.
-_RETRYABLE_HTTP = {408, 429}
 
 
 class MalformedResponse(ValueError):
@@ -88,9 +81,9 @@ class SGLangTeacher:
         status = {}
         for server in self.servers:
             try:
-                with urllib.request.urlopen(server + "/health", timeout=self.timeout_s) as resp:
-                    status[server] = resp.status == 200
-            except (urllib.error.URLError, OSError):
+                request(server + "/health", timeout=self.timeout_s)
+                status[server] = True
+            except HTTPRequestError:
                 status[server] = False
         return status
 
@@ -105,14 +98,6 @@ class SGLangTeacher:
             start = self._next
             self._next = (self._next + 1) % len(self.servers)
         return start
-
-    def _post(self, url: str, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read())
 
     def _score_one(self, prompt: list[int], response: list[int]) -> Tensor:
         self._count("sequences")
@@ -140,16 +125,17 @@ class SGLangTeacher:
             server = self.servers[(start + attempt) % len(self.servers)]
             self._count("requests")
             try:
-                return parse_input_logprobs(self._post(server + "/generate", payload), response)
-            except urllib.error.HTTPError as err:
-                error = self._record_failure(server, f"HTTP {err.code}")
-                if 400 <= err.code < 500 and err.code not in _RETRYABLE_HTTP:
+                answer = request(server + "/generate", payload, timeout=self.timeout_s, api_key=self.api_key)
+                if not isinstance(answer, (dict, list)):
+                    raise HTTPRequestError(server + "/generate", None, f"not JSON: {excerpt(str(answer))}")
+                return parse_input_logprobs(answer, response)
+            except HTTPRequestError as err:  # timeout, refused, cut off, HTTP error, bad JSON
+                error = self._record_failure(server, f"HTTP {err.status}" if err.status else str(err.detail))
+                if not err.retryable:
                     break
             except MalformedResponse as err:
                 error = self._record_failure(server, str(err))
                 break  # deterministic: the same request gets the same wrong answer
-            except (OSError, http.client.HTTPException, ValueError) as err:  # timeout, refused, cut off, bad JSON
-                error = self._record_failure(server, f"{type(err).__name__}: {err}")
         self._count("failed_sequences")
         logger.warning(
             "teacher scoring failed for a sequence of %d response tokens after retries (%s); "
