@@ -320,7 +320,7 @@ class Trainer:
         valid = (loss_mask > 0) & (teacher_lp != TEACHER_FAILED)
         gap = (teacher_lp - old_logprobs)[valid]
         # the learner's own counters ("step", the loss-token count "tokens") are renamed or dropped
-        learner_metrics = {("loss_tokens" if k == "tokens" else k): _scalar(v)
+        learner_metrics = {("loss_tokens" if k == "tokens" else k): v
                            for k, v in train_metrics.items() if k != "step"}
         return {
             **learner_metrics,
@@ -419,10 +419,6 @@ def _data_parallel():
         return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
                 parallel_state.get_data_parallel_group())
     return 0, 1, None
-
-
-def _scalar(v):
-    return v.item() if hasattr(v, "item") else v
 
 
 class _NoProgress:
