@@ -42,3 +42,21 @@ def test_plot_draws_curves(tmp_path):
     assert out.returncode == 0, out.stderr
     png = tmp_path / "curves.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_balance_data_writes_upsampled_file_and_histogram(tmp_path):
+    from examples.arithmetic.demo import init_model
+    from examples.arithmetic.task import make_problems, write_jsonl
+    from examples.arithmetic.tokenizer import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok")
+    model = init_model(tmp_path / "student", tmp_path / "tok", seed=0, hidden=32, layers=1, heads=2, kv_heads=1)
+    write_jsonl(tmp_path / "train.jsonl", make_problems(12, seed=0))
+    out = tmp_path / "balanced.jsonl"
+    res = cli("balance-data", "--config", str(DEMO), "--out", str(out), "--k", "4", f"model.student={model}",
+              f"data.train_files=[{tmp_path / 'train.jsonl'}]", "rollout.max_response_len=4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert info["prompts_in"] == 12 and len(rows) == info["prompts_out"] >= 12  # nothing dropped
+    assert sum(info["before"]) == 12 and Path(info["histogram"]).read_bytes()[:4] == b"\x89PNG"
