@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
+
+from uniopd_mcore.learner.testing import tiny_qwen3_config
 
 from uniopd_mcore.rollout import EmbeddedRolloutEngine, Generation, RolloutEngine, SamplingParams
 
@@ -15,17 +17,9 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
 def tiny_model(seed: int = 0, tie: bool = True) -> Qwen3ForCausalLM:
     # A large init spread makes the random model's distributions peaked and input-dependent, so
     # greedy paths differ between prompts and argmax ties are practically impossible.
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
+    config = tiny_qwen3_config(
+        vocab_size=VOCAB, head_dim=8, max_position_embeddings=128, initializer_range=0.3,
         tie_word_embeddings=tie,
-        initializer_range=0.3,
     )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config).eval()

@@ -11,7 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
+
+from uniopd_mcore.learner.testing import tiny_qwen3_config
 
 from uniopd_mcore.teachers import TEACHER_FAILED, EmbeddedTeacher, SGLangTeacher, TeacherRouter, TeacherScorer
 from uniopd_mcore.teachers.embedded import pack_by_tokens
@@ -22,16 +24,9 @@ RESPONSES = [[20, 21, 22, 23], [24], [25, 26, 27, 28, 29, 30, 31], [], [32, 33]]
 
 
 def tiny_model(seed: int = 0) -> Qwen3ForCausalLM:
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        initializer_range=0.3,
+    config = tiny_qwen3_config(
+        vocab_size=VOCAB, head_dim=8, max_position_embeddings=64, initializer_range=0.3,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config).eval()
