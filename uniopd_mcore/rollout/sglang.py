@@ -58,7 +58,7 @@ from uniopd_mcore.rollout.weight_sync import (
     serialize_bucket_for_ipc,
     unflatten_bucket,
 )
-from uniopd_mcore.utils.http import HTTPRequestError, request
+from uniopd_mcore.utils.http import HTTPRequestError, RoundRobin, request
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +198,6 @@ class SGLangRolloutEngine:
         self.servers = [s.rstrip("/") for s in servers]
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.api_key = api_key
         self.weight_sync = weight_sync
         self.bucket_bytes = bucket_bytes
@@ -227,7 +224,8 @@ class SGLangRolloutEngine:
         self._engine_tp: list[int] | None = None
         self._last_disk_version: Path | None = None
         self._lock = threading.Lock()
-        self._next = 0
+        self._pool = RoundRobin(self.servers, max_retries=max_retries, backoff_s=backoff_s,
+                                max_backoff_s=max_backoff_s)
         self.counters = {"requests": 0, "retries": 0, "failed_requests": 0, "generations": 0}
 
     # ---- construction from the configuration -------------------------------------------------
@@ -300,22 +298,12 @@ class SGLangRolloutEngine:
         with self._lock:
             self.counters[key] += n
 
-    def _first_server(self) -> int:
-        with self._lock:
-            start = self._next
-            self._next = (self._next + 1) % len(self.servers)
-        return start
-
     def _generate_one(self, index: int, total: int, payload: dict) -> Generation:
-        # First attempts go round-robin; a request's retries walk on from its own server.
-        start = self._first_server()
         last = ""
         attempts = 0
-        for attempt in range(self.max_retries + 1):
+        for attempt, server in self._pool.attempts():
             if attempt > 0:
                 self._count("retries")
-                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-            server = self.servers[(start + attempt) % len(self.servers)]
             attempts += 1
             self._count("requests")
             try:

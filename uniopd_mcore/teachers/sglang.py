@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from uniopd_mcore.teachers.base import TEACHER_FAILED
-from uniopd_mcore.utils.http import HTTPRequestError, excerpt, request
+from uniopd_mcore.utils.http import HTTPRequestError, RoundRobin, excerpt, request
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +46,12 @@ class SGLangTeacher:
         if not servers:
             raise ValueError("SGLangTeacher needs at least one server URL")
         self.servers = [s.rstrip("/") for s in servers]
-        self.max_retries = max_retries
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.api_key = api_key
         self._lock = threading.Lock()
-        self._next = 0
+        self._pool = RoundRobin(self.servers, max_retries=max_retries, backoff_s=backoff_s,
+                                max_backoff_s=max_backoff_s)
         self.counters = {
             "requests": 0,  # HTTP requests sent
             "retries": 0,  # requests that were a retry of a failed one
@@ -93,12 +90,6 @@ class SGLangTeacher:
         with self._lock:
             self.counters[key] += n
 
-    def _first_server(self) -> int:
-        with self._lock:
-            start = self._next
-            self._next = (self._next + 1) % len(self.servers)
-        return start
-
     def _score_one(self, prompt: list[int], response: list[int]) -> Tensor:
         self._count("sequences")
         if len(response) == 0:
@@ -114,15 +105,10 @@ class SGLangTeacher:
             # but the boundary index semantics are unverified, so keep the known-good value.
             "logprob_start_len": 0,
         }
-        # First attempts go round-robin over the pool; a sequence's retries then walk on from its
-        # own start, so they reach every server in turn even while other threads take turns.
-        start = self._first_server()
         error = "no attempt made"
-        for attempt in range(self.max_retries + 1):
+        for attempt, server in self._pool.attempts():
             if attempt > 0:
                 self._count("retries")
-                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-            server = self.servers[(start + attempt) % len(self.servers)]
             self._count("requests")
             try:
                 answer = request(server + "/generate", payload, timeout=self.timeout_s, api_key=self.api_key)

@@ -8,10 +8,13 @@ refused a request (a prompt longer than its context, a weight name it does not k
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 # 4xx answers other than these mean the request itself is wrong: sending it again cannot help.
 RETRYABLE_HTTP = frozenset({408, 429})
@@ -79,3 +82,29 @@ def request(
         return json.loads(body)
     except ValueError:
         return body.decode("utf-8", errors="replace")
+
+
+class RoundRobin:
+    """A pool of servers used round-robin, with retries on the next servers.
+
+    A request's first attempt takes the pool's next server; its retries walk on from there, so they
+    reach every server in turn even while other threads take their turns. Retry k (k = 1, 2, ...)
+    waits min(max_backoff_s, backoff_s * 2^(k-1)) first.
+    """
+
+    def __init__(self, servers: Sequence[str], *, max_retries: int, backoff_s: float, max_backoff_s: float):
+        self.servers = list(servers)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def attempts(self) -> Iterator[tuple[int, str]]:
+        """(attempt number, server) for the first try and each retry; stop iterating on success."""
+        with self._lock:
+            start = next(self._turn)
+        for attempt in range(self.max_retries + 1):
+            if attempt > 0:
+                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+            yield attempt, self.servers[(start + attempt) % len(self.servers)]
