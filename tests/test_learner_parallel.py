@@ -133,3 +133,15 @@ def test_reference_matches_hf_autograd(hf_dir, reference):
     assert reference["metrics"]["loss"] == pytest.approx(total, rel=1e-5)
     assert "lm_head.weight" not in reference["grads"]  # tied: one tensor, exported once
     _check_grads(reference["grads"], {n: hf_grads[n] for n in reference["grads"]})
+
+
+def _fail_on_rank_1(rank, world):
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    return rank
+
+
+def test_launcher_reports_failing_rank():
+    # the shared launcher (learner.parallel.run_local_processes) returns the failing rank's traceback
+    with pytest.raises(RuntimeError, match=r"(?s)--- rank 1 ---.*ValueError: rank one is broken"):
+        run_distributed(_fail_on_rank_1, 2)

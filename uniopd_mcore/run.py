@@ -141,7 +141,7 @@ def run_export(checkpoint: str, hf_template: str, out_dir: str, *, tp: int = 1, 
         ckpt = latest
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp * pp > 1 and not dist.is_initialized() and world == 1:
-        from uniopd_mcore.learner.verify import run_local_processes
+        from uniopd_mcore.learner.parallel import run_local_processes
 
         paths = run_local_processes(_export_worker, tp * pp, (str(ckpt), hf_template, out_dir, tp, pp))
         return Path(paths[0])

@@ -9,9 +9,7 @@ own). Both sides run in float32 so that the difference measures the conversion, 
 Exit codes: 0 within tolerance, 1 beyond it (or not finite), 2 on errors (bad directory, a
 worker failed). `--json` prints exactly one JSON line.
 
-`run_local_processes(fn, world_size, args)` is the launcher used here and by `uniopd-mcore
-export`: fn(rank, world_size, *args) in fresh ("spawn") non-daemonic processes that form a
-torch.distributed world on 127.0.0.1.
+The tp*pp processes are started by `learner.parallel.run_local_processes` (spawned, not forked).
 
 Checking the checker: a checkpoint file corrupted on disk is read identically by both sides, so
 it cannot produce a disagreement. `UNIOPD_VERIFY_PERTURB="<megatron param name>=<delta>"` adds
@@ -23,107 +21,17 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
-import queue
-import socket
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 PERTURB_ENV = "UNIOPD_VERIFY_PERTURB"
 
 
 class VerifyError(RuntimeError):
     """A problem that prevents the comparison (exit code 2)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# local launcher
-
-
-def _free_port() -> int:
-    # (not parallel.free_port: that module imports Megatron, which the parent does not need)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(fn: Callable, rank: int, world: int, port: int, args: Sequence, out) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        import torch
-
-        if not torch.cuda.is_available():  # the processes share the machine's cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        out.put((rank, True, fn(rank, world, *args)))
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent
-        out.put((rank, False, traceback.format_exc()))
-    finally:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def run_local_processes(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
-                        *, timeout: float | None = None) -> list[Any]:
-    """fn(rank, world_size, *args) on `world_size` fresh local processes; results by rank.
-
-    `fn` must be importable (module level). If a rank fails, the others are stopped and
-    VerifyError carries the failing rank's traceback. "spawn" because a forked child cannot reuse
-    CUDA or a process group of its parent; non-daemonic so that the workers may start processes
-    of their own.
-    """
-    import torch
-
-    if torch.cuda.is_available() and world_size > torch.cuda.device_count():
-        raise VerifyError(f"{world_size} processes need {world_size} GPUs, {torch.cuda.device_count()} visible")
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, tuple(args), out)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: dict[int, str] = {}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        while len(results) + len(errors) < world_size and not errors:
-            if deadline is not None and time.monotonic() > deadline:
-                errors[-1] = f"timed out after {timeout:.0f} s"
-                break
-            try:
-                rank, ok, payload = out.get(timeout=1.0)
-                (results if ok else errors)[rank] = payload
-            except queue.Empty:
-                for r, p in enumerate(procs):
-                    if not p.is_alive() and r not in results and r not in errors:
-                        try:  # its message may still be in flight
-                            rank, ok, payload = out.get(timeout=2.0)
-                            (results if ok else errors)[rank] = payload
-                        except queue.Empty:
-                            errors[r] = f"rank {r} exited with code {p.exitcode} without a result"
-    finally:
-        for p in procs:  # peers of a failed rank are stuck in a collective
-            p.join(timeout=2.0 if errors else 30.0)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5.0)
-    if errors:
-        msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-        raise VerifyError(f"a worker process failed:\n{msg}")
-    return [results[r] for r in range(world_size)]
-
-
-# ------------------------------------------------------------------------------------------------
-# the comparison
 
 
 def check_hf_dir(hf_dir: str | os.PathLike) -> Path:
@@ -220,11 +128,13 @@ def verify_conversion(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1, to
     num_layers = config.get("num_hidden_layers")
     if num_layers is not None and pp > num_layers:
         raise VerifyError(f"--pp {pp} is larger than the model's {num_layers} layers")
+    from uniopd_mcore.learner.parallel import run_local_processes
+
     seqs = random_packed_sequences(int(vocab), seq_len, seed)
     t0 = time.perf_counter()
     try:
         results = run_local_processes(_verify_worker, tp * pp, (str(path), tp, pp, seqs), timeout=timeout)
-    except VerifyError as e:
+    except RuntimeError as e:  # a worker failed, or more processes than GPUs
         # first line: the summary (the last line of the worker's traceback); then the details
         last = str(e).strip().splitlines()[-1]
         raise VerifyError(f"{path} at TP={tp} PP={pp}: {last}\n{e}") from None
