@@ -1,13 +1,15 @@
 """Does the recipe matter? Student before / plain OPD / OPD + margin calibration / full Uni-OPD.
 
-    python benchmarks/recipe_ablation.py                  # ~15-25 min on 2 CPU cores
-    python benchmarks/recipe_ablation.py --seeds 0 1 2 --opd-steps 60
+    python benchmarks/recipe_ablation.py                  # ~8 min on 2 CPU cores
+    python benchmarks/recipe_ablation.py --seeds 0 1 2 --opd-steps 60 --teacher-offset 10
 
 The synthetic arithmetic task of the CPU example, with a teacher that is *confidently wrong on a
-known slice*: it is trained on answers that are off by +10 whenever the first operand ends in 7
-(examples/arithmetic/task.py::corrupt_answers). The verifier knows the true answers, so outcome-
-guided margin calibration can overrule the teacher exactly where it lies. Variants (same teacher,
-same starting student, OPD seeds varied):
+known slice*: it is trained on answers that are off by --teacher-offset (default +1) whenever the
+first operand ends in 7 (examples/arithmetic/task.py::corrupt_answers). The verifier knows the
+true answers, so outcome-guided margin calibration can overrule the teacher exactly where it lies. The student is the
+demo's: same architecture, initial weights and steps as the teacher, trained on a noisy
+annotator's answers (most subtractions off by one). Variants (same teacher, same starting
+student, OPD seeds varied):
 
   opd          token-level OPD only            recipe.calibration=none,  no balancing
   opd_margin   + outcome-guided margin shift   recipe.calibration=shift, no balancing
@@ -32,11 +34,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.arithmetic.demo import CONFIG, init_model  # noqa: E402
+from examples.arithmetic.demo import CONFIG, DemoSizes, init_model  # noqa: E402
 from examples.arithmetic.task import (  # noqa: E402
     corrupt_answers,
     first_operand_ends_in_7,
     make_problems,
+    noisy_annotator,
     write_jsonl,
 )
 from examples.arithmetic.tokenizer import build_tokenizer  # noqa: E402
@@ -54,9 +57,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recipe_ablation"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--teacher-steps", type=int, default=2500)
-    ap.add_argument("--student-steps", type=int, default=900)
-    ap.add_argument("--opd-steps", type=int, default=40)
-    ap.add_argument("--opd-lr", type=float, default=1e-5)
+    demo = DemoSizes()
+    ap.add_argument("--student-steps", type=int, default=demo.student_sft_steps)
+    ap.add_argument("--opd-steps", type=int, default=demo.opd_steps)
+    ap.add_argument("--opd-lr", type=float, default=demo.opd_lr)
+    ap.add_argument("--teacher-offset", type=int, default=1,
+                    help="the teacher's error on the slice: +1 is the student's own likely mistake on "
+                         "subtractions, so plain OPD confirms it; +10 is a digit the student is sure of")
     ap.add_argument("--train-problems", type=int, default=4000)
     ap.add_argument("--eval-problems", type=int, default=400)
     args = ap.parse_args()
@@ -77,7 +84,9 @@ def main() -> None:
     train = make_problems(args.train_problems, seed=0)
     held = make_problems(args.eval_problems, seed=1, exclude=[p.prompt for p in train])
     write_jsonl(data / "train.jsonl", train)
-    write_jsonl(data / "teacher_train.jsonl", corrupt_answers(train))  # confidently wrong on the slice
+    write_jsonl(data / "teacher_train.jsonl", corrupt_answers(train, offsets=(args.teacher_offset,)))  # confidently wrong on the slice
+    write_jsonl(data / "student_train.jsonl", noisy_annotator(train, rate=demo.student_noise_rate,
+                                                              copies=demo.student_noise_copies))
     write_jsonl(data / "eval.jsonl", held)
     write_jsonl(data / "eval_slice.jsonl", [p for p in held if first_operand_ends_in_7(p)])
     write_jsonl(data / "eval_rest.jsonl", [p for p in held if not first_operand_ends_in_7(p)])
@@ -100,10 +109,10 @@ def main() -> None:
         print(f"[ablation] SFT {name}: {steps} steps", flush=True)
         return run_sft(cfg, str(run / name))
 
-    # As in the demo: same architecture and initial weights, the student trained for fewer steps.
-    arch = dict(hidden=128, layers=2, heads=4, kv_heads=2)
+    # As in the demo: same architecture, initial weights and steps; the student's data are noisy.
+    arch = demo.teacher
     teacher = sft("teacher", arch, args.teacher_steps, data / "teacher_train.jsonl", 10)
-    student = sft("student", arch, args.student_steps, data / "train.jsonl", 10)
+    student = sft("student", arch, args.student_steps, data / "student_train.jsonl", 10)
 
     def accuracies(engine, tokenizer) -> dict:
         return {k: evaluate_accuracy(engine, tokenizer, recs, verifiers, base.rollout.max_response_len,
@@ -171,8 +180,10 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Recipe ablation ({report['date']}, seeds {report['seeds']}, {report['wall_seconds']} s)",
         "",
-        "Held-out greedy accuracy on the arithmetic task; the teacher is trained to be wrong (+10) on problems "
-        "whose first operand ends in 7 (the slice). Mean ± population std over OPD seeds.",
+        f"Held-out greedy accuracy on the arithmetic task; the teacher is trained to be wrong "
+        f"({report['args']['teacher_offset']:+d}) on problems "
+        "whose first operand ends in 7 (the slice); the student, trained on a noisy annotator's answers, gets "
+        "most subtractions wrong (see examples/arithmetic/task.py). Mean ± population std over OPD seeds.",
         "",
         f"Teacher: all {r['teacher']['all']:.3f}, slice {r['teacher']['slice']:.3f}, rest {r['teacher']['rest']:.3f}.",
         "",

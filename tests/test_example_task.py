@@ -17,7 +17,9 @@ from examples.arithmetic import (
     corrupt_answers,
     encode_problem,
     first_operand_ends_in_7,
+    is_subtraction,
     make_problems,
+    noisy_annotator,
     read_jsonl,
     tiny_qwen3_config,
     write_jsonl,
@@ -101,6 +103,26 @@ def test_corrupt_answers_on_the_slice_only():
     noisy = corrupt_answers(problems, lambda p: p.op == "add", seed=1, offsets=(-1, 1, 10))
     assert all((n.answer != p.answer) == (p.op == "add") for n, p in zip(noisy, problems))
     assert noisy == corrupt_answers(problems, lambda p: p.op == "add", seed=1, offsets=(-1, 1, 10))
+
+
+def test_noisy_annotator_corrupts_a_fraction_of_the_slice_per_copy():
+    problems = make_problems(1000, seed=0)
+    data = noisy_annotator(problems, is_subtraction, rate=0.7, offset=1, copies=4, seed=3)
+    assert len(data) == 4 * len(problems)
+    copies = [data[k * len(problems):(k + 1) * len(problems)] for k in range(4)]
+    for copy in copies:
+        assert [p.prompt for p in copy] == [p.prompt for p in problems]
+        for clean, noisy in zip(problems, copy):
+            # only subtraction answers move, and only by the offset
+            assert int(noisy.answer) - int(clean.answer) == (1 if noisy.corrupted else 0)
+            assert not noisy.corrupted or clean.op == "sub"
+        subs = [p for p in copy if p.op == "sub"]
+        assert 0.6 < sum(p.corrupted for p in subs) / len(subs) < 0.8
+    # each copy draws its own corruption, so a problem is usually but not always wrong
+    assert copies[0] != copies[1]
+    assert data == noisy_annotator(problems, is_subtraction, rate=0.7, offset=1, copies=4, seed=3)
+    with pytest.raises(ValueError, match="rate"):
+        corrupt_answers(problems, rate=1.5)
 
 
 def test_encode_problem_and_tiny_model_pipeline(tokenizer_dir):

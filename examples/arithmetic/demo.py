@@ -1,12 +1,14 @@
 """The embedded CPU example, end to end (`make demo`, or `uniopd-mcore demo --run-dir runs/demo`).
 
   1. a character-level tokenizer and a synthetic arithmetic task (train and held-out prompts);
-  2. `sft`: a teacher (wider, trained longer) and a weaker student, both Qwen3-architecture models
-     trained by the Megatron-Core learner on CPU with an NLL loss;
+  2. `sft`: a teacher and a weaker student, both Qwen3-architecture models trained by the
+     Megatron-Core learner on CPU with an NLL loss, from the same initial weights for the same
+     number of steps; the student's data come from a noisy annotator (most subtraction answers
+     off by one), so it gets most subtractions wrong;
   3. Uni-OPD on the student with the teacher scoring every sampled token (the same loop that runs
      on H100 clusters, with in-process engines instead of SGLang servers);
-  4. runs/demo/summary.json (held-out greedy accuracies before/after, teacher accuracy, steps,
-     wall time) and PNG curves.
+  4. runs/demo/summary.json (held-out greedy accuracies before/after, overall and per operation,
+     teacher accuracy, steps, wall time) and PNG curves.
 
 Everything fits in a few minutes on 2 CPU cores.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .task import make_problems, tiny_qwen3_config, write_jsonl
+from .task import is_subtraction, make_problems, noisy_annotator, tiny_qwen3_config, write_jsonl
 from .tokenizer import build_tokenizer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
@@ -33,10 +35,12 @@ class DemoSizes:
     teacher: dict = None  # tiny_qwen3_config kwargs
     student: dict = None
     teacher_sft_steps: int = 2500
-    student_sft_steps: int = 900  # same architecture and initial weights, less training: ~40% vs ~90%
+    student_sft_steps: int = 2500  # same architecture, initial weights and steps; noisy data instead
+    student_noise_rate: float = 0.7  # fraction of subtraction answers off by one in each copy
+    student_noise_copies: int = 4  # independent corruptions: the student learns "usually off by one"
     sft_batch: int = 64
     sft_lr: float = 2e-3
-    opd_steps: int = 40
+    opd_steps: int = 120
     opd_prompts_per_step: int = 16
     opd_samples: int = 8
     opd_lr: float = 1e-5
@@ -62,6 +66,11 @@ def init_model(out_dir: Path, tokenizer_dir: Path, seed: int, **arch) -> Path:
     return out_dir
 
 
+def by_operation(records) -> dict[str, list]:
+    """Held-out records split by operation (the student's noisy slice is subtraction)."""
+    return {"add": [r for r in records if "+" in r.prompt], "sub": [r for r in records if "-" in r.prompt]}
+
+
 def accuracy(model_dir: Path, records, config) -> float:
     from transformers import AutoTokenizer
 
@@ -80,7 +89,8 @@ def run_demo(run_dir: str = "runs/demo", fast: bool = False, seed: int = 0, size
     from uniopd_mcore.config import load_config
     from uniopd_mcore.data.prompts import load_prompts
     from uniopd_mcore.metrics import plot_run
-    from uniopd_mcore.run import run_sft, run_train
+    from uniopd_mcore.run import build_learner, run_sft
+    from uniopd_mcore.trainer import Trainer
 
     t_start = time.perf_counter()
     sizes = sizes or (FAST if fast else DemoSizes())
@@ -95,6 +105,9 @@ def run_demo(run_dir: str = "runs/demo", fast: bool = False, seed: int = 0, size
     held_out = make_problems(sizes.eval_problems, seed=seed + 1, exclude=[p.prompt for p in train])
     write_jsonl(data / "train.jsonl", train)
     write_jsonl(data / "eval.jsonl", held_out)
+    student_data = noisy_annotator(train, is_subtraction, rate=sizes.student_noise_rate,
+                                   copies=sizes.student_noise_copies, seed=seed)
+    write_jsonl(data / "student_sft.jsonl", student_data)
 
     def config(*overrides: str):
         return load_config(str(CONFIG), [f"logging.run_dir={run}", f"data.train_files=[{data / 'train.jsonl'}]",
@@ -104,21 +117,28 @@ def run_demo(run_dir: str = "runs/demo", fast: bool = False, seed: int = 0, size
     eval_records = load_prompts(base.data.eval_files, base.data.sources)
 
     # 2. teacher and student by SFT with the Megatron-Core learner ------------------------------
-    def sft(name: str, arch: dict, steps: int, model_seed: int) -> Path:
+    def sft(name: str, arch: dict, steps: int, model_seed: int, train_file: Path) -> Path:
         init = init_model(run / f"{name}_init", tok_dir, model_seed, **arch)
-        cfg = config(f"model.student={init}", f"trainer.steps={steps}",
+        cfg = config(f"model.student={init}", f"data.train_files=[{train_file}]", f"trainer.steps={steps}",
                      f"trainer.prompts_per_step={sizes.sft_batch}", f"optimizer.lr={sizes.sft_lr}",
                      "optimizer.warmup_steps=50", "optimizer.lr_schedule=cosine", "optimizer.weight_decay=0.0",
                      "optimizer.clip_grad=1.0", "logging.progress=false")
         print(f"[demo] SFT {name}: {steps} steps of {sizes.sft_batch} problems")
         return run_sft(cfg, str(run / name))
 
-    # Both start from the same random weights (same seed): the student is the teacher stopped early.
-    teacher_dir = sft("teacher", sizes.teacher, sizes.teacher_sft_steps, seed + 10)
-    student_dir = sft("student", sizes.student, sizes.student_sft_steps, seed + 10)
-    teacher_acc = accuracy(teacher_dir, eval_records, base)
-    before = accuracy(student_dir, eval_records, base)
-    print(f"[demo] held-out accuracy: teacher {teacher_acc:.3f}, student before Uni-OPD {before:.3f}")
+    # Both start from the same random weights (same seed) and train as long; only the data differ.
+    teacher_dir = sft("teacher", sizes.teacher, sizes.teacher_sft_steps, seed + 10, data / "train.jsonl")
+    student_dir = sft("student", sizes.student, sizes.student_sft_steps, seed + 10, data / "student_sft.jsonl")
+    slices = by_operation(eval_records)
+
+    def accuracies(model_dir: Path) -> tuple[float, dict]:
+        return (accuracy(model_dir, eval_records, base),
+                {op: accuracy(model_dir, recs, base) for op, recs in slices.items()})
+
+    teacher_acc, teacher_ops = accuracies(teacher_dir)
+    before, before_ops = accuracies(student_dir)
+    print(f"[demo] held-out accuracy: teacher {teacher_acc:.3f} {teacher_ops}, "
+          f"student before Uni-OPD {before:.3f} {before_ops}")
 
     # 3. Uni-OPD -----------------------------------------------------------------------------
     opd_dir = run / "opd"
@@ -129,8 +149,10 @@ def run_demo(run_dir: str = "runs/demo", fast: bool = False, seed: int = 0, size
                  "optimizer.warmup_steps=5",
                  f"trainer.eval_every={max(1, sizes.opd_steps // 5)}", "trainer.eval_prompts=0",
                  f"checkpoint.save_every={sizes.opd_steps}")
-    history = run_train(cfg)
+    trainer = Trainer(cfg, build_learner(cfg))
+    history = trainer.train()
     after = history[-1]["eval_accuracy"]
+    after_ops = {op: trainer.evaluate(recs) for op, recs in slices.items()}  # the synced rollout engine
     curves = plot_run(opd_dir)
 
     # 4. summary -----------------------------------------------------------------------------
@@ -138,6 +160,9 @@ def run_demo(run_dir: str = "runs/demo", fast: bool = False, seed: int = 0, size
         "student_accuracy_before": before,
         "student_accuracy_after": after,
         "teacher_accuracy": teacher_acc,
+        "student_accuracy_before_by_operation": before_ops,
+        "student_accuracy_after_by_operation": after_ops,
+        "teacher_accuracy_by_operation": teacher_ops,
         "steps": len(history),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "eval_problems": len(eval_records),

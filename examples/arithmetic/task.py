@@ -5,11 +5,14 @@ verifier is "integer" (the last integer in the response equals the gold answer).
 
 Why this task: two-digit operands (the default) are small enough that a 2-layer, 128-wide
 transformer learns them to high accuracy in a few CPU minutes, so a well-trained teacher is
-cheap, yet the carry/borrow cases are hard enough that a student given fewer SFT steps is only
-partially right. That is the regime where on-policy distillation helps: the student samples
-its own near-miss answers and the teacher's per-token log-probs say which digit went wrong.
-`corrupt_answers` builds the opposite teacher for the recipe ablation: one trained to be
-confidently wrong on a known slice, which outcome-guided margin calibration must overrule.
+cheap. The demo's student is the same model trained for as long, but on a noisy annotator's
+answers (`noisy_annotator`: most subtraction answers off by one): it answers most subtractions
+wrong while still giving the right digit real probability, so its own samples contain right
+answers the teacher's per-token log-probs can reward. (An *undertrained* student does not work
+here: its mistakes are near-ties that any further training at a small learning rate reshuffles,
+and where it is confidently wrong the reverse-KL gradient vanishes; see the issue 3 notes.)
+`corrupt_answers` with rate 1 builds the opposite teacher for the recipe ablation: one trained to
+be confidently wrong on a known slice, which outcome-guided margin calibration must overrule.
 """
 
 from __future__ import annotations
@@ -102,27 +105,58 @@ def first_operand_ends_in_7(problem: Problem) -> bool:
     return problem.a % 10 == 7
 
 
+def is_subtraction(problem: Problem) -> bool:
+    """The slice the demo's noisy annotator gets wrong: half of the problems."""
+    return problem.op == "sub"
+
+
 def corrupt_answers(
     problems: list[Problem],
     slice_fn: Callable[[Problem], bool] = first_operand_ends_in_7,
     seed: int = 0,
     offsets: tuple[int, ...] = (10,),
+    rate: float = 1.0,
 ) -> list[Problem]:
     """Copies of `problems` whose answers on the slice are shifted by an offset (default +10).
 
-    A fixed offset is a systematic rule a teacher trained on these answers learns with
+    With rate 1, a fixed offset is a systematic rule a model trained on these answers learns with
     confidence, i.e. it is confidently wrong there rather than merely noisy; several offsets
-    (drawn with `seed`) give a noisier wrong teacher.
+    (drawn with `seed`) give a noisier wrong teacher. With rate < 1 only that fraction of the
+    slice (drawn with `seed`) is corrupted: a noisy annotator. Several copies of a data set, each
+    corrupted with its own seed, teach a model that the wrong answer is merely the more likely
+    one, so it keeps some probability on the right answer.
     """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
     rng = random.Random(seed)
     out = []
     for p in problems:
-        if slice_fn(p):
+        if slice_fn(p) and rng.random() < rate:
             wrong = int(p.true_answer) + rng.choice(offsets)
             out.append(replace(p, answer=str(wrong), corrupted=True))
         else:
             out.append(p)
     return out
+
+
+def noisy_annotator(
+    problems: list[Problem],
+    slice_fn: Callable[[Problem], bool] = is_subtraction,
+    rate: float = 0.7,
+    offset: int = 1,
+    copies: int = 4,
+    seed: int = 0,
+) -> list[Problem]:
+    """The demo student's training data: `copies` copies of `problems`, each with its own draw of
+    which slice answers are off by `offset` (a fraction `rate` of the slice).
+
+    A model trained on it answers most of the slice wrong yet keeps roughly 1 - rate of its
+    probability on the right answer, which is what on-policy distillation can act on: the student
+    must still sample the right token now and then for the teacher to reward it (reverse KL
+    cannot move a student that is confidently wrong; its gradient vanishes there).
+    """
+    return [p for k in range(copies)
+            for p in corrupt_answers(problems, slice_fn, seed=seed + k, offsets=(offset,), rate=rate)]
 
 
 def write_jsonl(path: str | os.PathLike, problems: Iterable[Problem]) -> int:
@@ -196,7 +230,9 @@ __all__ = [
     "corrupt_answers",
     "encode_problem",
     "first_operand_ends_in_7",
+    "is_subtraction",
     "make_problems",
+    "noisy_annotator",
     "read_jsonl",
     "tiny_qwen3_config",
     "write_jsonl",
