@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TEST_ENV := $(if $(HAS_GPU),,TRITON_INTERPRET=1) PYTHONUNBUFFERED=1
 
-.PHONY: install test demo ablation bench clean
+.PHONY: install test demo ablation bench gpu-wheels clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,15 @@ ablation: install
 bench: install
 	$(TEST_ENV) $(PY) benchmarks/kernels.py
 
+# The wheels a lent GPU machine lacks (it reaches no package index; its Python is 3.12), for
+# tools/gpu_session.sh: carry .gpu_wheels with the command.
+GPU_PY ?= 3.12
+gpu-wheels: install
+	rm -rf .gpu_wheels
+	$(PY) -m pip download -q -d .gpu_wheels --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform any \
+	  megatron-core==0.16.1 mbridge==0.15.1 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 \
+	  math-verify==0.9.0 latex2sympy2_extended==1.11.0
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info .gpu_wheels
