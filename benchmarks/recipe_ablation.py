@@ -1,14 +1,16 @@
 """Does the recipe matter? Student before / plain OPD / OPD + margin calibration / full Uni-OPD.
 
-    python benchmarks/recipe_ablation.py                  # ~8 min on 2 CPU cores
-    python benchmarks/recipe_ablation.py --seeds 0 1 2 --opd-steps 60 --teacher-offset 10
+    python benchmarks/recipe_ablation.py                  # ~7 min on 2 CPU cores
+    python benchmarks/recipe_ablation.py --slice ends_in_7 --teacher-offset 10 --out ...
 
-The synthetic arithmetic task of the CPU example, with a teacher that is *confidently wrong on a
-known slice*: it is trained on answers that are off by --teacher-offset (default +1) whenever the
-first operand ends in 7 (examples/arithmetic/task.py::corrupt_answers). The verifier knows the
-true answers, so outcome-guided margin calibration can overrule the teacher exactly where it lies. The student is the
-demo's: same architecture, initial weights and steps as the teacher, trained on a noisy
-annotator's answers (most subtractions off by one). Variants (same teacher, same starting
+The synthetic arithmetic task of the CPU example. The student is the demo's: same architecture,
+initial weights and steps as the teacher, trained on a noisy annotator's answers (most
+subtractions off by one), so it is unsure of subtractions. The teacher is *confidently wrong on a
+known slice*: trained on answers off by --teacher-offset (default +1, the student's own likely
+mistake) on --slice (examples/arithmetic/task.py::SLICES; default odd_sub, the subtractions with
+an odd first operand: half of what the student is unsure of). There plain OPD confirms the
+student's mistake; the verifier knows the true answers, so outcome-guided margin calibration can
+overrule the teacher exactly where it lies. Variants (same teacher, same starting
 student, OPD seeds varied):
 
   opd          token-level OPD only            recipe.calibration=none,  no balancing
@@ -37,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from examples.arithmetic.demo import CONFIG, DemoSizes, init_model  # noqa: E402
 from examples.arithmetic.task import (  # noqa: E402
     corrupt_answers,
-    first_operand_ends_in_7,
+    SLICES,
     make_problems,
     noisy_annotator,
     write_jsonl,
@@ -64,6 +66,9 @@ def main() -> None:
     ap.add_argument("--teacher-offset", type=int, default=1,
                     help="the teacher's error on the slice: +1 is the student's own likely mistake on "
                          "subtractions, so plain OPD confirms it; +10 is a digit the student is sure of")
+    ap.add_argument("--slice", choices=sorted(SLICES), default="odd_sub",
+                    help="where the teacher is wrong: ends_in_7 (first operand ends in 7, ~15%% of problems) "
+                         "or odd_sub (subtractions with an odd first operand: half of what the student is unsure of)")
     ap.add_argument("--train-problems", type=int, default=4000)
     ap.add_argument("--eval-problems", type=int, default=400)
     args = ap.parse_args()
@@ -81,15 +86,17 @@ def main() -> None:
     data.mkdir(parents=True, exist_ok=True)
     tok_dir = run / "tokenizer"
     build_tokenizer(tok_dir)
+    on_slice = SLICES[args.slice]
     train = make_problems(args.train_problems, seed=0)
     held = make_problems(args.eval_problems, seed=1, exclude=[p.prompt for p in train])
     write_jsonl(data / "train.jsonl", train)
-    write_jsonl(data / "teacher_train.jsonl", corrupt_answers(train, offsets=(args.teacher_offset,)))  # confidently wrong on the slice
+    # the teacher is confidently wrong on the slice
+    write_jsonl(data / "teacher_train.jsonl", corrupt_answers(train, on_slice, offsets=(args.teacher_offset,)))
     write_jsonl(data / "student_train.jsonl", noisy_annotator(train, rate=demo.student_noise_rate,
                                                               copies=demo.student_noise_copies))
     write_jsonl(data / "eval.jsonl", held)
-    write_jsonl(data / "eval_slice.jsonl", [p for p in held if first_operand_ends_in_7(p)])
-    write_jsonl(data / "eval_rest.jsonl", [p for p in held if not first_operand_ends_in_7(p)])
+    write_jsonl(data / "eval_slice.jsonl", [p for p in held if on_slice(p)])
+    write_jsonl(data / "eval_rest.jsonl", [p for p in held if not on_slice(p)])
 
     def config(*overrides: str):
         return load_config(str(CONFIG), [f"logging.run_dir={run}", f"data.train_files=[{data / 'train.jsonl'}]",
@@ -181,8 +188,8 @@ def markdown(report: dict) -> str:
         f"# Recipe ablation ({report['date']}, seeds {report['seeds']}, {report['wall_seconds']} s)",
         "",
         f"Held-out greedy accuracy on the arithmetic task; the teacher is trained to be wrong "
-        f"({report['args']['teacher_offset']:+d}) on problems "
-        "whose first operand ends in 7 (the slice); the student, trained on a noisy annotator's answers, gets "
+        f"({report['args']['teacher_offset']:+d}) on the slice `{report['args']['slice']}` "
+        "(examples/arithmetic/task.py::SLICES); the student, trained on a noisy annotator's answers, gets "
         "most subtractions wrong (see examples/arithmetic/task.py). Mean ± population std over OPD seeds.",
         "",
         f"Teacher: all {r['teacher']['all']:.3f}, slice {r['teacher']['slice']:.3f}, rest {r['teacher']['rest']:.3f}.",

@@ -13,6 +13,7 @@ from examples.arithmetic import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
+    SLICES,
     build_tokenizer,
     corrupt_answers,
     encode_problem,
@@ -123,6 +124,15 @@ def test_noisy_annotator_corrupts_a_fraction_of_the_slice_per_copy():
     assert data == noisy_annotator(problems, is_subtraction, rate=0.7, offset=1, copies=4, seed=3)
     with pytest.raises(ValueError, match="rate"):
         corrupt_answers(problems, rate=1.5)
+
+
+def test_ablation_slices():
+    problems = make_problems(1000, seed=0)
+    odd_sub = [p for p in problems if SLICES["odd_sub"](p)]
+    assert odd_sub and all(p.op == "sub" and p.a % 2 == 1 for p in odd_sub)
+    subs = [p for p in problems if p.op == "sub"]
+    assert 0.35 < len(odd_sub) / len(subs) < 0.65  # about half of the subtractions
+    assert SLICES["ends_in_7"] is first_operand_ends_in_7
 
 
 def test_encode_problem_and_tiny_model_pipeline(tokenizer_dir):

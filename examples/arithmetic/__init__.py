@@ -1,6 +1,7 @@
 """The synthetic arithmetic task of the embedded CPU example (tokenizer, problems, tiny models)."""
 
 from .task import (
+    SLICES,
     Problem,
     corrupt_answers,
     encode_problem,
@@ -19,6 +20,7 @@ __all__ = [
     "EOS_ID",
     "PAD_ID",
     "Problem",
+    "SLICES",
     "build_tokenizer",
     "corrupt_answers",
     "encode_problem",

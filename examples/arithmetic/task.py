@@ -105,6 +105,17 @@ def first_operand_ends_in_7(problem: Problem) -> bool:
     return problem.a % 10 == 7
 
 
+def odd_subtraction(problem: Problem) -> bool:
+    """Subtractions whose first operand is odd: half of the demo student's uncertain slice."""
+    return problem.op == "sub" and problem.a % 2 == 1
+
+
+SLICES: dict[str, Callable[[Problem], bool]] = {
+    "ends_in_7": first_operand_ends_in_7,
+    "odd_sub": odd_subtraction,
+}
+
+
 def is_subtraction(problem: Problem) -> bool:
     """The slice the demo's noisy annotator gets wrong: half of the problems."""
     return problem.op == "sub"
@@ -227,12 +238,14 @@ def tiny_qwen3_config(
 
 __all__ = [
     "Problem",
+    "SLICES",
     "corrupt_answers",
     "encode_problem",
     "first_operand_ends_in_7",
     "is_subtraction",
     "make_problems",
     "noisy_annotator",
+    "odd_subtraction",
     "read_jsonl",
     "tiny_qwen3_config",
     "write_jsonl",
