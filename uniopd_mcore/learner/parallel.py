@@ -17,7 +17,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from uniopd_mcore.learner import cpu_compat
+from uniopd_mcore.utils.net import free_port
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,6 @@ class ParallelInfo:
     pp_rank: int
     dp_size: int
     dp_rank: int
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(
@@ -128,11 +122,11 @@ def destroy() -> None:
 # local launcher
 
 
-def _local_process(fn: Callable, rank: int, world_size: int, port: int, args: Sequence, out) -> None:
+def _local_process(fn: Callable, rank: int, world_size: int, port: int, args: Sequence, out, threads: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # the processes share the cores
+        torch.set_num_threads(threads)
         # pickled here (by value, no shared memory) so that an unpicklable result is reported
         # instead of dying silently in the queue's feeder thread
         out.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
@@ -167,9 +161,12 @@ def run_local_processes(fn: Callable[..., Any], world_size: int, args: Sequence[
         fork_ok = sys.platform.startswith("linux") and not dist.is_initialized() and not torch.cuda.is_initialized()
         start_method = "fork" if fork_ok else "spawn"
     ctx = mp.get_context(start_method)
+    # The processes share the cores. A forked child keeps one thread: growing the OpenMP pool the
+    # parent already used can deadlock after fork (seen: a test hanging after HF models ran).
+    threads = 1 if start_method == "fork" else max(1, (os.cpu_count() or 1) // world_size)
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_local_process, args=(fn, r, world_size, port, tuple(args), out))
+    procs = [ctx.Process(target=_local_process, args=(fn, r, world_size, port, tuple(args), out, threads))
              for r in range(world_size)]
     for p in procs:
         p.start()
