@@ -63,15 +63,6 @@ def _run(rank, world, hf_dir, tp, pp, save_to=None, load_from=(), extra=None):
     return out
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from uniopd_mcore.learner.testing import make_tiny_hf_model
-
-    path = str(tmp_path_factory.mktemp("tiny_qwen3"))
-    make_tiny_hf_model(path)
-    return path
-
-
 def _same_step(resumed, reference, *, exact: bool):
     assert resumed["user"] == USER
     assert resumed["num_steps_loaded"] == 1

@@ -64,15 +64,6 @@ def _ckpt_worker(rank, world, hf_dir, ckpt_dir, tp, distributed_optimizer):
     return out
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from uniopd_mcore.learner.testing import make_tiny_hf_model
-
-    path = str(tmp_path_factory.mktemp("tiny_qwen3"))
-    make_tiny_hf_model(path)
-    return path
-
-
 def test_sft_steps_lower_the_loss_with_warmup(hf_dir):
     steps = run_distributed(_train_worker, 1, args=(hf_dir, 1))[0]
     losses = [s["loss"] for s in steps]

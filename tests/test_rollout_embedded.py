@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from uniopd_mcore.learner.testing import tiny_qwen3_config
-
+from uniopd_mcore.learner.testing import response_logprobs, tiny_causal_lm
 from uniopd_mcore.rollout import EmbeddedRolloutEngine, Generation, RolloutEngine, SamplingParams
 
 VOCAB = 48
@@ -17,21 +16,8 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15]]
 def tiny_model(seed: int = 0, tie: bool = True) -> Qwen3ForCausalLM:
     # A large init spread makes the random model's distributions peaked and input-dependent, so
     # greedy paths differ between prompts and argmax ties are practically impossible.
-    config = tiny_qwen3_config(
-        vocab_size=VOCAB, head_dim=8, max_position_embeddings=128, initializer_range=0.3,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config).eval()
-
-
-def full_forward_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
-    """log p(response[t] | prompt, response[:t]) from one unpadded forward, in float64."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-    return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+    return tiny_causal_lm(seed, vocab_size=VOCAB, head_dim=8, max_position_embeddings=128,
+                          initializer_range=0.3, tie_word_embeddings=tie)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +58,7 @@ def test_logprobs_are_raw_full_forward_values(model):
     engine = EmbeddedRolloutEngine(model)
     gens = engine.generate(PROMPTS, SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=9), seed=3)
     for prompt, gen in zip(PROMPTS, gens):
-        expected = full_forward_logprobs(model, prompt, gen.token_ids)
+        expected = response_logprobs(model, prompt, gen.token_ids)
         torch.testing.assert_close(torch.tensor(gen.logprobs, dtype=torch.float64), expected, atol=1e-5, rtol=0)
 
 

@@ -47,10 +47,10 @@ from uniopd_mcore.rollout.sglang import (
 from uniopd_mcore.rollout.weight_sync import (
     bucket_named_tensors,
     flatten_bucket,
-    free_port,
     tensor_bytes,
     unflatten_bucket,
 )
+from uniopd_mcore.utils.net import free_port
 
 VOCAB = 50
 REPO = Path(__file__).resolve().parents[1]

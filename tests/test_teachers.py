@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from uniopd_mcore.learner.testing import tiny_qwen3_config
-
+from uniopd_mcore.learner.testing import response_logprobs, tiny_causal_lm
 from uniopd_mcore.teachers import TEACHER_FAILED, EmbeddedTeacher, SGLangTeacher, TeacherRouter, TeacherScorer
 from uniopd_mcore.teachers.embedded import pack_by_tokens
 
@@ -24,21 +23,8 @@ RESPONSES = [[20, 21, 22, 23], [24], [25, 26, 27, 28, 29, 30, 31], [], [32, 33]]
 
 
 def tiny_model(seed: int = 0) -> Qwen3ForCausalLM:
-    config = tiny_qwen3_config(
-        vocab_size=VOCAB, head_dim=8, max_position_embeddings=64, initializer_range=0.3,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config).eval()
-
-
-def manual_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
-    """log_softmax of one unpadded forward, gathered at the response tokens, in float64."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
-    return logp.gather(-1, torch.tensor(response, dtype=torch.long)[:, None]).squeeze(-1)
+    return tiny_causal_lm(seed, vocab_size=VOCAB, head_dim=8, max_position_embeddings=64,
+                          initializer_range=0.3, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,7 @@ def test_embedded_teacher_matches_manual_log_softmax(model, max_batch_tokens):
     for prompt, response, lp in zip(PROMPTS, RESPONSES, scores):
         assert lp.dtype == torch.float32 and lp.shape == (len(response),)
         if response:
-            torch.testing.assert_close(lp.double(), manual_logprobs(model, prompt, response), atol=1e-5, rtol=0)
+            torch.testing.assert_close(lp.double(), response_logprobs(model, prompt, response), atol=1e-5, rtol=0)
 
 
 def test_embedded_teacher_edge_cases(model):
@@ -69,7 +55,7 @@ def test_embedded_teacher_edge_cases(model):
     # No prompt: the first response token has no context, so it carries the sentinel.
     (lp,) = teacher.score([[]], [[3, 4, 5]])
     assert lp[0] == TEACHER_FAILED
-    torch.testing.assert_close(lp[1:].double(), manual_logprobs(model, [3], [4, 5]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp[1:].double(), response_logprobs(model, [3], [4, 5]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         teacher.score([[1]], [])
 
@@ -131,7 +117,7 @@ def test_router_over_embedded_teachers(model):
     sources = ["y", "x", "y", "x", "x"]
     for prompt, response, source, lp in zip(PROMPTS, RESPONSES, sources, router.score(PROMPTS, RESPONSES, sources)):
         if response:
-            expected = manual_logprobs(model if source == "x" else other, prompt, response)
+            expected = response_logprobs(model if source == "x" else other, prompt, response)
             torch.testing.assert_close(lp.double(), expected, atol=1e-5, rtol=0)
 
 
@@ -221,7 +207,7 @@ def assert_matches_model(model, scores, prompts=PROMPTS, responses=RESPONSES):
     for prompt, response, lp in zip(prompts, responses, scores):
         assert lp.dtype == torch.float32 and lp.shape == (len(response),)
         if response:
-            torch.testing.assert_close(lp.double(), manual_logprobs(model, prompt, response), atol=1e-5, rtol=0)
+            torch.testing.assert_close(lp.double(), response_logprobs(model, prompt, response), atol=1e-5, rtol=0)
 
 
 def test_sglang_round_robin_over_two_servers(model, servers):

@@ -27,15 +27,6 @@ def _json_line(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[0])
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from uniopd_mcore.learner.testing import make_tiny_hf_model
-
-    path = tmp_path_factory.mktemp("tiny_qwen3")
-    make_tiny_hf_model(str(path))
-    return path
-
-
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_conversion_matches(hf_dir, tp, pp):
     proc = _cli(str(hf_dir), "--tp", str(tp), "--pp", str(pp), "--json", "--seq-len", "24")
@@ -77,7 +68,7 @@ def test_errors_exit_2(hf_dir, tmp_path):
     # truncated weights file: the worker fails, the message names the directory
     broken = tmp_path / "broken"
     broken.mkdir()
-    for f in hf_dir.iterdir():
+    for f in Path(hf_dir).iterdir():
         data = f.read_bytes()
         (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
     proc = _cli(str(broken), "--json")

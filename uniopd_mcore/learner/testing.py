@@ -52,6 +52,14 @@ def make_tiny_hf_model(path: str, config: Any = None, *, seed: int = 0, std: flo
     return model
 
 
+def tiny_causal_lm(seed: int = 0, **config_overrides: Any):
+    """A random tiny Qwen3 causal LM built in memory (eval mode), for tests that need no files."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(tiny_qwen3_config(**config_overrides)).eval()
+
+
 def random_sequences(lengths: Sequence[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
@@ -72,6 +80,13 @@ def hf_token_logprobs(model: Any, seqs: Sequence[Sequence[int]]) -> list[torch.T
         lp[1:] = logits[:-1].log_softmax(-1).gather(-1, ids[1:, None])[:, 0]
         out.append(lp)
     return out
+
+
+def response_logprobs(model: Any, prompt: Sequence[int], response: Sequence[int]) -> torch.Tensor:
+    """log p(response[t] | prompt, response[:t]) from one unpadded forward, in float64."""
+    logits = hf_logits(model, [list(prompt) + list(response)])[0].double()
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return logp.gather(-1, torch.tensor(response, dtype=torch.long)[:, None]).squeeze(-1)
 
 
 def export_hf_grads(learner: Any) -> dict[str, torch.Tensor]:

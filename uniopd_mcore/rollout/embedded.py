@@ -57,6 +57,24 @@ def load_causal_lm(
     return module
 
 
+def pad_token_id(model: torch.nn.Module) -> int:
+    """The model's configured pad id, else 0: pad positions are masked out, so any valid id works."""
+    pad = getattr(model.config, "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) else 0
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, *, left: bool) -> tuple[Tensor, Tensor]:
+    """[B, W] input ids and attention mask of `seqs`, padded on the left or on the right."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        input_ids[row, cols] = torch.tensor(s, dtype=torch.long)
+        attention_mask[row, cols] = 1
+    return input_ids, attention_mask
+
+
 def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
     """[B, V] float32 logits -> [B] next ids by greedy / temperature / nucleus sampling."""
     if params.temperature == 0:
@@ -87,9 +105,7 @@ class EmbeddedRolloutEngine:
         self.max_batch_size = max_batch_size
         self.weight_version = 0
         self._released = False
-        # Pad positions are masked out, so any valid id works; prefer the configured one.
-        pad = getattr(self.model.config, "pad_token_id", None)
-        self._pad_id = int(pad) if isinstance(pad, int) else 0
+        self._pad_id = pad_token_id(self.model)
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -139,14 +155,9 @@ class EmbeddedRolloutEngine:
         if max_new == 0:
             return [Generation([], [], FINISH_LENGTH) for _ in prompts]
         dev = self.device
-        width = max(len(p) for p in prompts)
         # Left padding: the last column holds every row's last prompt token, so one decode step
         # appends one column for the whole batch.
-        input_ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention_mask[row, width - len(p) :] = 1
+        input_ids, attention_mask = pad_batch(prompts, self._pad_id, left=True)
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
         # Positions count real tokens only, so a padded row sees the same RoPE phases as alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -53,12 +53,12 @@ from uniopd_mcore.rollout.weight_sync import (
     bucket_request_fields,
     destroy_weight_update_group,
     flatten_bucket,
-    free_port,
     init_weight_update_group,
     serialize_bucket_for_ipc,
     unflatten_bucket,
 )
 from uniopd_mcore.utils.http import HTTPRequestError, RoundRobin, request
+from uniopd_mcore.utils.net import free_port
 
 logger = logging.getLogger(__name__)
 

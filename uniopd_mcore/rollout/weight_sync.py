@@ -21,7 +21,6 @@ Three transports use these buckets (selected in rollout/sglang.py):
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Iterator
@@ -145,12 +144,6 @@ def bucket_request_fields(metadata: list[TensorMeta]) -> dict[str, list]:
 
 
 # ---- distributed (NCCL) transport -----------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def init_weight_update_group(

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import Tensor
 
-from uniopd_mcore.rollout.embedded import load_causal_lm
+from uniopd_mcore.rollout.embedded import load_causal_lm, pad_batch, pad_token_id
 from uniopd_mcore.teachers.base import TEACHER_FAILED
 
 
@@ -45,8 +45,7 @@ class EmbeddedTeacher:
         self.device = torch.device(device)
         self.model = load_causal_lm(model, self.device, dtype)
         self.max_batch_tokens = max_batch_tokens
-        pad = getattr(self.model.config, "pad_token_id", None)
-        self._pad_id = int(pad) if isinstance(pad, int) else 0
+        self._pad_id = pad_token_id(self.model)
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[Tensor]:
@@ -63,15 +62,10 @@ class EmbeddedTeacher:
 
     def _score_batch(self, prompts: list[list[int]], responses: list[list[int]]) -> list[Tensor]:
         seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        batch, width = len(seqs), max(len(s) for s in seqs)
         # Right padding: positions 0..len-1 are the natural ones, pads sit after every real token
         # and so cannot influence it under the causal mask.
-        input_ids = torch.full((batch, width), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention_mask[row, : len(s)] = 1
-        position_ids = torch.arange(width).expand(batch, width)
+        input_ids, attention_mask = pad_batch(seqs, self._pad_id, left=False)
+        position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         logits = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
